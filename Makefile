@@ -1,0 +1,20 @@
+# `make demo` and `make test` set everything up (idempotently) and run. See README.md.
+PY := .venv/bin/python
+EXTRAS ?= dev
+
+.PHONY: setup test demo bench clean
+
+setup:
+	@bash scripts/setup.sh $(EXTRAS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m fairseq2_kslottery demo
+
+bench: setup
+	$(PY) benchmarks/bench_ks.py
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache

@@ -1,0 +1,167 @@
+"""The ``fairseq2-kslottery`` command (also ``python -m fairseq2_kslottery``).
+
+Sub-commands delegate to the library; user errors become one line on stderr and exit code 2 (``--debug`` shows the
+traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from fairseq2_kslottery.errors import is_user_error
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fairseq2-kslottery",
+        description="KS-Lottery for fairseq2: find and train the few token-embedding rows that carry a fine-tune.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_select(sub)
+    _add_demo(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug or not is_user_error(exc):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+# --- select -----------------------------------------------------------------------------------------------------
+
+
+def _add_select(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "select",
+        help="KS ticket selection: compare base and tuned input embeddings row by row, write tickets.json",
+        description=(
+            "For every vocabulary row, a two-sample Kolmogorov-Smirnov test between the row's values before and "
+            "after tuning; the rows that shifted significantly are the tickets. SRC is a fairseq2 asset-card name, a "
+            "fairseq2 checkpoint (checkpoints/step_N folder, checkpoints/ folder or its model.yaml), or a "
+            ".safetensors/.pt file or folder holding `decoder_frontend.embed.weight` (fairseq2) or "
+            "`model.embed_tokens.weight` (Hugging Face)."
+        ),
+    )
+    p.add_argument("--base", required=True, metavar="SRC", help="the original model")
+    p.add_argument("--tuned", required=True, metavar="SRC", help="the model after (embedding) tuning")
+    rule = p.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--top-k", type=int, metavar="K", help="keep the K rows with the smallest p-values")
+    rule.add_argument("--alpha", type=float, metavar="A", help="keep the rows that reject 'unchanged' at level A")
+    p.add_argument(
+        "--correction",
+        choices=["none", "bonferroni", "bh"],
+        default="none",
+        help="multiple-testing correction for --alpha and the certificate (bh = Benjamini-Hochberg; default none)",
+    )
+    p.add_argument("--max-k", type=int, metavar="K", help="with --alpha: keep at most K rows")
+    p.add_argument(
+        "--cert-alpha", type=float, default=0.05, metavar="A", help="certificate level for --top-k (default 0.05)"
+    )
+    p.add_argument(
+        "--method",
+        choices=["auto", "exact", "asymp"],
+        default="auto",
+        help="KS p-value method (as scipy; default auto)",
+    )
+    p.add_argument("--tokenizer", metavar="NAME_OR_PATH", help="tokenizer card, file or folder to decode tokens")
+    p.add_argument(
+        "--allow-dtype-mismatch", action="store_true", help="compare embeddings of different dtypes by upcasting"
+    )
+    p.add_argument("--stats-out", type=Path, metavar="FILE", help="also save every row's D and p (safetensors)")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE", help="the ticket file to write")
+    p.add_argument("--quiet", action="store_true", help="print only the ticket file path")
+    p.set_defaults(handler=_cmd_select)
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    from fairseq2_kslottery.selection import SelectionRequest, describe_outcome, run_selection
+
+    request = SelectionRequest(
+        base=args.base,
+        tuned=args.tuned,
+        out=args.out,
+        top_k=args.top_k,
+        alpha=args.alpha,
+        correction=args.correction,
+        max_k=args.max_k,
+        cert_alpha=args.cert_alpha,
+        method=args.method,
+        tokenizer=args.tokenizer,
+        allow_dtype_mismatch=args.allow_dtype_mismatch,
+        stats_out=args.stats_out,
+    )
+    say = _quiet if args.quiet else _info
+    start = time.perf_counter()
+    outcome = run_selection(request, log=say, progress=None if args.quiet else _Progress("KS test"))
+    if not args.quiet:
+        print(describe_outcome(outcome))
+        print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
+    else:
+        print(args.out)
+    return 0
+
+
+# --- demo -------------------------------------------------------------------------------------------------------
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "demo",
+        help="run the built-in example (currently a stand-in: selection on a small synthetic tuning)",
+    )
+    p.add_argument("--out-dir", type=Path, default=Path("demo-output"), help="where to write (default demo-output/)")
+    p.set_defaults(handler=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fairseq2_kslottery.demo import run_standin_demo
+
+    run_standin_demo(args.out_dir, log=_info)
+    return 0
+
+
+# --- output helpers ---------------------------------------------------------------------------------------------
+
+
+def _info(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+class _Progress:
+    """A one-line progress bar on stderr (only when stderr is a terminal)."""
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self._tty or total == 0:
+            return
+        width = 30
+        filled = int(width * done / total)
+        end = "\n" if done >= total else ""
+        print(f"\r{self._label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end, file=sys.stderr)
