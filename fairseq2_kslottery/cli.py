@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_select(sub)
+    _add_transfer(sub)
+    _add_export(sub)
+    _add_apply(sub)
     _add_demo(sub)
     return parser
 
@@ -118,6 +121,130 @@ def _cmd_select(args: argparse.Namespace) -> int:
         print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
     else:
         print(args.out)
+    return 0
+
+
+# --- transfer / export / apply ---------------------------------------------------------------------------------
+
+
+def _add_transfer(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "transfer",
+        help="partial transfer: a ticket patch that copies the tuned rows of the tickets into the base model",
+        description=(
+            "Partial transfer (no training): the rows of the ticket file are copied from the tuned embedding into "
+            "the base model. Writes a ticket patch; evaluate it with the evaluate recipe (patch=...) or make a "
+            "full model with `apply`. SRC as for `select`."
+        ),
+    )
+    p.add_argument("--base", required=True, metavar="SRC")
+    p.add_argument("--tuned", required=True, metavar="SRC")
+    p.add_argument("--tickets", required=True, type=Path, metavar="FILE", help="ticket file (from `select`)")
+    p.add_argument(
+        "--output-side",
+        choices=["input_only", "tied"],
+        default="input_only",
+        help="for tied models: whether the copied rows also change the output projection (default input_only)",
+    )
+    p.add_argument("--out", required=True, type=Path, metavar="FILE", help="the patch file to write")
+    p.set_defaults(handler=_cmd_transfer)
+
+
+def _cmd_transfer(args: argparse.Namespace) -> int:
+    import torch
+
+    from fairseq2_kslottery.patches import TicketPatch
+    from fairseq2_kslottery.sources import load_input_embedding
+    from fairseq2_kslottery.tickets import TicketSet
+
+    base = load_input_embedding(args.base)
+    tuned = load_input_embedding(args.tuned)
+    if base.weight.shape != tuned.weight.shape:
+        from fairseq2_kslottery.errors import SelectionError
+
+        raise SelectionError(
+            f"The base and tuned embeddings have different shapes: {tuple(base.weight.shape)} and "
+            f"{tuple(tuned.weight.shape)}."
+        )
+    tickets = TicketSet.load(args.tickets, vocab_size=int(base.weight.shape[0]))
+    ids = torch.tensor(tickets.token_ids, dtype=torch.int64)
+    patch = TicketPatch.from_rows(
+        base.weight, ids, tuned.weight[ids], output_side=args.output_side, source=f"transfer {args.tickets}"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    patch.save(args.out)
+    moved = float(patch.delta.norm(dim=1).mean()) if patch.k else 0.0
+    print(f"wrote {args.out}: {patch.k} rows copied from {args.tuned} (mean L2 change {moved:.4g})")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "export",
+        help="fold a ticket run into a ticket patch, a fairseq2 checkpoint and a Hugging Face folder",
+        description=(
+            "Reads the delta of a ticket run (the last checkpoint, or --step) and its original model, and writes "
+            "OUT/ticket_patch.safetensors, OUT/fairseq2/checkpoints (loadable by its model.yaml card) and OUT/hf "
+            "(config.json + model.safetensors)."
+        ),
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="output folder of a tickets-mode tuning run")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    p.add_argument("--step", type=int, help="checkpoint step to export (default: the last)")
+    p.add_argument("--no-fairseq2", action="store_true", help="skip the fairseq2 checkpoint")
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face folder")
+    p.set_defaults(handler=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fairseq2_kslottery.export import export_ticket_run
+
+    result = export_ticket_run(
+        args.run_dir, args.out, step=args.step, fairseq2=not args.no_fairseq2, hugging_face=not args.no_hf
+    )
+    print(f"exported {result.k} ticket rows of step {result.step}:")
+    for label, path in (("patch", result.patch), ("fairseq2", result.fairseq2), ("hugging face", result.hugging_face)):
+        if path is not None:
+            print(f"  {label:<13} {path}")
+    return 0
+
+
+def _add_apply(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "apply",
+        help="apply a ticket patch to a base model and save the result (fairseq2 checkpoint, optionally HF)",
+    )
+    p.add_argument(
+        "--base",
+        required=True,
+        metavar="MODEL",
+        help="fairseq2 model asset card, or a fairseq2 checkpoints/ folder (model.yaml + step_N)",
+    )
+    p.add_argument("--patch", required=True, type=Path, metavar="FILE")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    p.add_argument("--hf", action="store_true", help="also write a Hugging Face folder OUT/hf")
+    p.set_defaults(handler=_cmd_apply)
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from fairseq2_kslottery.embedding import is_tied
+    from fairseq2_kslottery.export import load_model_source, save_fairseq2_checkpoint, save_hugging_face_checkpoint
+    from fairseq2_kslottery.patches import TicketPatch, apply_patch
+
+    patch = TicketPatch.load(args.patch)
+    model, family, config = load_model_source(args.base)
+    untie = is_tied(model) and patch.output_side == "input_only"
+    apply_patch(model, patch)
+    if untie and hasattr(config, "tied_embeddings"):
+        config = dataclasses.replace(config, tied_embeddings=False)  # type: ignore[type-var]
+    checkpoints = save_fairseq2_checkpoint(model, family, config, args.out / "fairseq2")
+    print(f"applied {patch.k} rows -> {checkpoints}")
+    if args.hf:
+        print(
+            f"  hugging face: {save_hugging_face_checkpoint(dict(model.state_dict()), family, config, args.out / 'hf')}"
+        )
     return 0
 
 

@@ -10,10 +10,15 @@ from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Final
 
-from fairseq2.composition import register_file_assets
+import fairseq2.recipe  # noqa: F401  (fairseq2's recipe modules import cleanly in this order)
+from fairseq2.composition import register_dataset_family, register_file_assets
+from fairseq2.metrics.recorders import MetricDescriptor
 from fairseq2.models.llama import LLaMAConfig
+from fairseq2.recipe.component import register_component
+from fairseq2.recipe.config import AdamWConfig
 from fairseq2.runtime.config_registry import ConfigRegistrar
 from fairseq2.runtime.dependency import DependencyContainer
+from torch.optim import Optimizer
 
 __all__ = ["setup_fairseq2_extension", "asset_dir", "TINY_LLAMA_ARCH"]
 
@@ -22,9 +27,25 @@ TINY_LLAMA_ARCH: Final = "kslottery_tiny"
 
 
 def setup_fairseq2_extension(container: DependencyContainer) -> None:
-    """Register the package's asset cards and model architectures with fairseq2."""
+    """Register the package's asset cards, model architectures, the parallel-text dataset family, the metric
+    display names and the ``adamw_trainable`` optimizer with fairseq2."""
+    from fairseq2_kslottery.data.dataset import (
+        PARALLEL_DATASET_FAMILY,
+        ParallelDataset,
+        ParallelDatasetConfig,
+        open_parallel_dataset,
+    )
+    from fairseq2_kslottery.evaluation import METRIC_DESCRIPTORS
+    from fairseq2_kslottery.optim import TRAINABLE_ADAMW, create_trainable_adamw
+
     register_file_assets(container, asset_dir())
     _register_llama_archs(container)
+    register_dataset_family(
+        container, PARALLEL_DATASET_FAMILY, ParallelDataset, ParallelDatasetConfig, opener=open_parallel_dataset
+    )
+    for descriptor in METRIC_DESCRIPTORS:
+        container.collection.register_instance(MetricDescriptor, descriptor)
+    register_component(container, Optimizer, TRAINABLE_ADAMW, config_kls=AdamWConfig, factory=create_trainable_adamw)
 
 
 def asset_dir() -> Path:

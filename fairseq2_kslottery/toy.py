@@ -46,41 +46,16 @@ def create_tiny_llama(*, vocab_size: int = 512, seed: int = 0, **overrides: obje
 
 
 def save_fairseq2_checkpoint(model: torch.nn.Module, config: object, output_dir: Path, step: int = 1) -> Path:
-    """Save ``model`` as a fairseq2 training run would: ``output_dir/checkpoints/{model.yaml, step_N/model/...}``.
-
-    Returns the ``checkpoints`` folder.
-    """
-    from fairseq2.checkpoint import ModelMetadataDumper, StandardCheckpointManager
-    from fairseq2.device import CPU
-    from fairseq2.file_system import FileSystem
-    from fairseq2.gang import create_fake_gangs
-    from fairseq2.io import TensorFileDumper, TensorFileLoader
-    from fairseq2.runtime.dependency import get_dependency_resolver
-    from fairseq2.utils.threading import ThreadPool
+    """Save a llama-family ``model`` in fairseq2's native training-run layout (see :mod:`fairseq2_kslottery.export`)."""
+    from fairseq2_kslottery.export import save_fairseq2_checkpoint as save
 
     ensure_fairseq2()
-    resolver = get_dependency_resolver()
-    manager = StandardCheckpointManager(
-        Path(output_dir),
-        create_fake_gangs(CPU),
-        resolver.resolve(FileSystem),
-        resolver.resolve(TensorFileLoader),
-        resolver.resolve(TensorFileDumper),
-        resolver.resolve(ThreadPool),
-    )
-    manager.save_model_only(step, model, blocking=True)
-    checkpoints = Path(output_dir) / "checkpoints"
-    resolver.resolve(ModelMetadataDumper).dump(checkpoints, "llama", config)
-    return checkpoints
+    return save(model, "llama", config, output_dir, step)
 
 
 def save_hugging_face_checkpoint(state_dict: dict[str, Tensor], config: object, save_dir: Path) -> Path:
     """Save a fairseq2 llama state dict as a Hugging Face folder (``config.json`` + ``model.safetensors``)."""
-    from fairseq2.models.hg import get_hugging_face_converter, save_hugging_face_model
+    from fairseq2_kslottery.export import save_hugging_face_checkpoint as save
 
     ensure_fairseq2()
-    converter = get_hugging_face_converter("llama")
-    # The converter permutes q/k projections in place: give it a copy.
-    hg_state = converter.to_hg_state_dict({k: v.clone() for k, v in state_dict.items()}, config)
-    save_hugging_face_model(Path(save_dir), hg_state, converter.to_hg_config(config))
-    return Path(save_dir)
+    return save(state_dict, "llama", config, save_dir)
