@@ -13,8 +13,10 @@ test: setup
 demo: setup
 	$(PY) -m fairseq2_kslottery demo
 
-bench: setup
+bench:
+	@bash scripts/setup.sh dev,bench
 	$(PY) benchmarks/bench_ks.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache

@@ -80,6 +80,8 @@ def is_tied(model: Module) -> bool:
     """True when the output projection uses the same weight tensor as the input embedding."""
     embed = find_input_embedding(model)
     proj = getattr(model, "final_proj", None)
+    if isinstance(proj, TicketTiedProjection):
+        return True
     weight = getattr(proj, "weight", None)
     base = embed.base_weight if isinstance(embed, TicketEmbedding) else embed.weight
     return isinstance(weight, Tensor) and weight is base

@@ -49,7 +49,6 @@ __all__ = [
 ]
 
 METRIC_DESCRIPTORS: Final = (
-    MetricDescriptor("kslottery_bleu", "BLEU (sacrebleu)", 200, format_as_float, higher_better=True),
     MetricDescriptor("kslottery_chrf", "chrF", 201, format_as_float, higher_better=True),
     MetricDescriptor("first_line_bleu", "First-line BLEU", 202, format_as_float, higher_better=True),
     MetricDescriptor("spbleu", "spBLEU", 203, format_as_float, higher_better=True),
@@ -57,10 +56,9 @@ METRIC_DESCRIPTORS: Final = (
     MetricDescriptor("length_ratio", "Length Ratio", 205, format_as_float),
 )
 """Display names of this package's metrics; the extension registers them so that ``regime.score_metric`` accepts
-``kslottery_bleu`` (sacrebleu's BLEU with its default exponential smoothing), ``first_line_bleu``...
-
-fairseq2's own ``bleu`` metric uses no smoothing and its ``chrf`` is chrF++, so the sacrebleu-exact ones get their
-own names."""
+``first_line_bleu``, ``eos_rate``... BLEU is recorded under fairseq2's own name ``bleu`` (so ``score_metric: bleu``
+keeps the best checkpoint) but computed exactly as sacrebleu's corpus BLEU, exponential smoothing included. chrF
+gets its own name because fairseq2's ``chrf`` means chrF++."""
 
 
 class SacreStatsMetric(Metric[Tensor]):
@@ -176,7 +174,7 @@ class TranslationEvalUnit(EvalUnit[SequenceBatch]):
     @override
     def prepare_metric_bag(self, metric_bag: MetricBag) -> None:
         self._records = []
-        metric_bag.add("kslottery_bleu", SacreStatsMetric(_bleu))
+        metric_bag.add("bleu", SacreStatsMetric(_bleu))
         metric_bag.add("kslottery_chrf", SacreStatsMetric(_chrf))
         metric_bag.add("first_line_bleu", SacreStatsMetric(_bleu))
         if self._spbleu:
@@ -211,7 +209,7 @@ class TranslationEvalUnit(EvalUnit[SequenceBatch]):
                     "num_tokens": len(ids),
                 }
             )
-        metric_bag.get("kslottery_bleu", SacreStatsMetric).update(refs, hyps)
+        metric_bag.get("bleu", SacreStatsMetric).update(refs, hyps)
         metric_bag.get("kslottery_chrf", SacreStatsMetric).update(refs, hyps)
         metric_bag.get("first_line_bleu", SacreStatsMetric).update(refs, firsts)
         if self._spbleu:

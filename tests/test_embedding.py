@@ -137,3 +137,39 @@ def test_bf16_model_keeps_an_fp32_delta(fairseq2_ready: None) -> None:
     assert embed.delta.dtype == torch.float32 and embed.base_weight.dtype == torch.bfloat16
     out = embed(torch.tensor([[5, 6]]))
     assert out.dtype == torch.bfloat16
+
+
+def _tiny_config(family: str) -> tuple[object, object]:
+    from fairseq2.models import ModelHubAccessor
+
+    hub = ModelHubAccessor(family, torch.nn.Module, object)()
+    config = hub.get_arch_config(sorted(hub.get_archs())[0])
+    overrides = {
+        "model_dim": 32,
+        "num_layers": 1,
+        "vocab_size": 64,
+        "num_attn_heads": 2,
+        "num_key_value_heads": 2,
+        "ffn_inner_dim": 64,
+        "head_dim": 16,
+        "max_seq_len": 64,
+        "pad_idx": None,
+    }
+    for key, value in overrides.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    return hub, config
+
+
+@pytest.mark.parametrize("family", ["qwen", "mistral", "olmo"])
+def test_other_fairseq2_decoder_families_take_tickets(fairseq2_ready: None, family: str) -> None:
+    from fairseq2.device import CPU
+
+    hub, config = _tiny_config(family)
+    torch.manual_seed(0)
+    model = hub.create_new_model(config, device=CPU, dtype=torch.float32)
+    embed = install_tickets(model, TICKETS)
+    seqs, targets = _batch(64)
+    _loss(model, seqs, targets).backward()
+    assert embed.delta.grad is not None and embed.delta.grad.abs().sum() > 0
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["decoder_frontend.embed.delta"]

@@ -49,3 +49,28 @@ def test_hypothesis_cleanup() -> None:
     assert clean_hypothesis(" a\nb ", cut_at_newline=False) == "a\nb"
     with pytest.raises(ValueError, match="must have the same length"):
         score_translations(["a"], ["a", "b"], [True])
+
+
+def test_metric_bag_units_equal_sacrebleu_and_merge_across_ranks() -> None:
+    from fairseq2_kslottery.evaluation import SacreStatsMetric, _bleu, _chrf
+
+    hyps = ["The cat sat on the mat.", "A dog is running in a park.", "Today it rains."]
+    for factory, reference in ((_bleu, sacrebleu.corpus_bleu), (_chrf, sacrebleu.corpus_chrf)):
+        # Two "ranks" see different sentences; merging their statistics gives the corpus score.
+        rank0, rank1 = SacreStatsMetric(factory), SacreStatsMetric(factory)
+        rank0.update(REFS[:2], hyps[:2])
+        rank1.update(REFS[2:], hyps[2:])
+        rank0.merge_state([rank1])
+        assert float(rank0.compute()) == reference(hyps, [REFS]).score
+
+
+def test_extract_hypothesis_cuts_at_eos_and_at_the_length_limit() -> None:
+    import torch
+
+    from fairseq2_kslottery.evaluation import extract_hypothesis
+
+    assert extract_hypothesis(torch.tensor([5, 6, 2]), eos_idx=2, max_gen_len=8) == ([5, 6], True)
+    # The generator forces EOS at the limit: not a real stop.
+    assert extract_hypothesis(torch.tensor([5, 6, 7, 2]), eos_idx=2, max_gen_len=3) == ([5, 6, 7], False)
+    # A shorter prompt in the batch may get extra tokens; they are cut at max_gen_len.
+    assert extract_hypothesis(torch.tensor([5, 6, 7, 8, 9, 2]), eos_idx=2, max_gen_len=3) == ([5, 6, 7], False)

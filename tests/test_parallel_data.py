@@ -108,3 +108,54 @@ def test_templates_and_language_names() -> None:
     assert language_name("deu_Latn") == "German" and language_name("RO") == "Romanian"
     with pytest.raises(UnknownLanguageError, match=r"Unknown language code `xx`"):
         language_name("xx")
+
+
+def test_encoding_drops_overlong_examples_and_counts_target_tokens(fairseq2_ready: None) -> None:
+    import numpy as np
+    from fairseq2.data.tokenizers import load_tokenizer
+
+    from fairseq2_kslottery.data.dataset import ParallelDataset, ParallelDatasetConfig
+
+    tokenizer = load_tokenizer("kslottery_smoke_tokenizer")
+    dataset = ParallelDataset(ParallelDatasetConfig(max_seq_len=64))
+    encoded = dataset.encoded("train", tokenizer)
+    assert len(encoded) == 48
+    first = encoded[0]
+    assert first.prompt[0].item() == tokenizer.vocab_info.bos_idx  # prompt mode adds BOS for this tokenizer
+    assert first.target[-1].item() == tokenizer.vocab_info.eos_idx  # the target ends with EOS
+    counts = dataset.target_token_counts(tokenizer, 400)
+    assert counts[tokenizer.vocab_info.eos_idx] == 48
+    assert counts.sum() == sum(e.target.numel() for e in encoded)
+    expected = np.bincount(np.concatenate([e.target.numpy() for e in encoded]), minlength=400)
+    assert np.array_equal(counts, expected)
+    short = ParallelDataset(ParallelDatasetConfig(max_seq_len=40)).encoded("train", tokenizer)
+    assert 0 < len(short) < 48 and all(e.prompt.numel() + e.target.numel() <= 40 for e in short)
+    with pytest.raises(DataError, match=r"No train example fits in max_seq_len=8 tokens \(48 dropped\)"):
+        ParallelDataset(ParallelDatasetConfig(max_seq_len=8)).encoded("train", tokenizer)
+
+
+def test_training_reader_mixes_sources_and_carries_target_masks(fairseq2_ready: None, tmp_path: Path) -> None:
+    from fairseq2.data.tokenizers import load_tokenizer
+    from fairseq2.device import CPU
+    from fairseq2.gang import create_fake_gangs
+
+    from fairseq2_kslottery.data.dataset import ParallelDataset, ParallelDatasetConfig, ParallelSourceConfig
+
+    _jsonl(tmp_path / "train.jsonl", [{"src": f"house {i}", "tgt": f"maison {i}"} for i in range(12)])
+    config = ParallelDatasetConfig(
+        sources=[ParallelSourceConfig(), ParallelSourceConfig(path=str(tmp_path), src_lang="en", tgt_lang="fr")],
+        max_seq_len=64,
+    )
+    tokenizer = load_tokenizer("kslottery_smoke_tokenizer")
+    reader = ParallelDataset(config).create_train_reader(tokenizer, create_fake_gangs(CPU), batch_size=4, seed=1)
+    refs: list[str] = []
+    for batches in reader:
+        for batch in batches:
+            assert batch.target_mask is not None
+            # Target positions are a suffix of each sequence: the loss never covers prompt tokens.
+            for row, length in zip(batch.target_mask, batch.seq_lens, strict=True):
+                first = int(row.int().argmax())
+                assert row[:first].sum() == 0 and row[first:length].all() and not row[length:].any()
+            refs.extend(batch.example["ref"])
+    assert {r for r in refs if r.startswith("maison")} == {f"maison {i}" for i in range(12)}
+    assert sum(1 for r in refs if not r.startswith("maison")) == 48  # every pair of both sources, once per epoch

@@ -106,9 +106,10 @@ class EvaluateRecipe(Recipe):
         return EvaluateConfig
 
     @override
-    def setup_reference_model(self, context: RecipeContext, model: Module, section_name: str) -> Module:
+    def setup_model(self, context: RecipeContext, model: Module, newly_initialized: bool) -> Module:
+        # In an inference recipe fairseq2 calls this hook for the `model` section.
         config = context.get_config_as(EvaluateConfig)
-        if section_name == "model" and config.patch:
+        if config.patch:
             patch = TicketPatch.load(config.patch)
             apply_patch(model, patch)
             log.info("Applied the ticket patch {} ({} rows, output side {}).", config.patch, patch.k, patch.output_side)

@@ -176,3 +176,15 @@ class TuneConfig:
     common: CommonSection = field(default_factory=CommonSection)
 
     gang: GangSection = field(default_factory=GangSection)
+
+    def validate(self) -> ValidationResult:
+        result = ValidationResult()
+        generated = {"bleu", "kslottery_chrf", "first_line_bleu", "spbleu", "eos_rate", "length_ratio"}
+        if self.regime.score_metric in generated and not self.validation.generate:
+            result.add_error(
+                f"`regime.score_metric: {self.regime.score_metric}` comes from generation; set "
+                "`validation.generate: true` or choose `nll_loss`."
+            )
+        if self.regime.score_metric == "nll_loss" and not self.validation.nll:
+            result.add_error("`regime.score_metric: nll_loss` needs `validation.nll: true`.")
+        return result

@@ -257,7 +257,7 @@ def newline_token_ids(tokenizer: Tokenizer) -> list[int]:
     encoder = tokenizer.create_raw_encoder()
     decoder = tokenizer.create_decoder(skip_special_tokens=False)
     ids = [int(i) for i in encoder("a\nb").tolist()]
-    found = [i for i in ids if "\n" in decoder(torch.tensor([i]))]
+    found = [i for i in ids if decoder(torch.tensor([i])).strip(" ") == "\n"]
     if not found:
         raise TuningError("The tokenizer has no token that decodes to a newline.")
     return list(dict.fromkeys(found))
