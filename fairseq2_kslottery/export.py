@@ -34,6 +34,7 @@ __all__ = [
     "load_model_source",
     "read_ticket_run",
     "export_ticket_run",
+    "ticket_run_patch",
 ]
 
 _STEP = re.compile(r"^step_(\d+)$")
@@ -230,6 +231,16 @@ def read_ticket_run(run_dir: Path, step: int | None = None) -> tuple[Tensor, Ten
     config = _read_yaml(run_dir / "config.yaml")
     side = str((config.get("tuning") or {}).get("tied", "input_only"))
     return state["decoder_frontend.embed.token_ids"], state["decoder_frontend.embed.delta"].float(), step, side
+
+
+def ticket_run_patch(run_dir: Path, base_source: str) -> TicketPatch:
+    """The ticket patch of a ticket run, from its delta and the base embedding only (no full model is loaded)."""
+    from fairseq2_kslottery.sources import load_input_embedding
+
+    token_ids, delta, step, side = read_ticket_run(run_dir)
+    base = load_input_embedding(base_source).weight
+    rows = base[token_ids].float() + delta
+    return TicketPatch.from_rows(base, token_ids, rows, output_side=side, source=f"{run_dir} step {step}")
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Final
 
 import fairseq2.recipe  # noqa: F401  (fairseq2's recipe modules import cleanly in this order)
-from fairseq2.composition import register_dataset_family, register_file_assets
+from fairseq2.composition import register_dataset_family, register_file_assets, register_in_memory_assets
 from fairseq2.metrics.recorders import MetricDescriptor
 from fairseq2.models.llama import LLaMAConfig
 from fairseq2.recipe.component import register_component
@@ -37,8 +37,10 @@ def setup_fairseq2_extension(container: DependencyContainer) -> None:
     )
     from fairseq2_kslottery.evaluation import METRIC_DESCRIPTORS
     from fairseq2_kslottery.optim import TRAINABLE_ADAMW, create_trainable_adamw
+    from fairseq2_kslottery.smollm2 import asset_cards as smollm2_cards
 
     register_file_assets(container, asset_dir())
+    register_in_memory_assets(container, "kslottery_cache", smollm2_cards())
     _register_llama_archs(container)
     register_dataset_family(
         container, PARALLEL_DATASET_FAMILY, ParallelDataset, ParallelDatasetConfig, opener=open_parallel_dataset

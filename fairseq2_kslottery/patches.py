@@ -26,7 +26,7 @@ from fairseq2_kslottery.embedding import TIED_MODES, find_input_embedding, is_ti
 from fairseq2_kslottery.errors import KSLotteryError
 from fairseq2_kslottery.io import atomic_path, tensor_fingerprint
 
-__all__ = ["PATCH_FORMAT", "PatchError", "TicketPatch", "apply_patch"]
+__all__ = ["PATCH_FORMAT", "PatchError", "TicketPatch", "apply_patch", "changed_rows_patch"]
 
 PATCH_FORMAT: Final = "kslottery-patch"
 PATCH_VERSION: Final = 1
@@ -138,6 +138,18 @@ class TicketPatch:
                 "source": self.source,
             }
         )
+
+
+def changed_rows_patch(
+    base: Tensor, tuned: Tensor, *, output_side: str = "input_only", source: str = ""
+) -> TicketPatch:
+    """A patch of every row that differs between two embeddings (e.g. the result of embedding-only tuning)."""
+    if base.shape != tuned.shape:
+        raise PatchError(
+            source or "<patch>", f"the embeddings differ in shape: {tuple(base.shape)} and {tuple(tuned.shape)}."
+        )
+    changed = torch.nonzero((base != tuned.to(base.dtype)).any(dim=1)).flatten()
+    return TicketPatch.from_rows(base, changed, tuned[changed], output_side=output_side, source=source)
 
 
 def apply_patch(model: Module, patch: TicketPatch) -> None:

