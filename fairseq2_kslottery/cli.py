@@ -176,6 +176,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     say = _quiet if args.quiet else _info
     start = time.perf_counter()
     outcome = run_selection(request, log=say, progress=None if args.quiet else _Progress("KS test"))
+    assert outcome is not None  # one process: never None
     if not args.quiet:
         print(describe_outcome(outcome))
         print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")

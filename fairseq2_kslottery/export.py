@@ -222,15 +222,20 @@ def read_ticket_run(run_dir: Path, step: int | None = None) -> tuple[Tensor, Ten
     if not checkpoints.is_dir():
         raise ExportError(f"`{run_dir}` is not a tuning run (no checkpoints/ folder).")
     step = step if step is not None else _last_step(checkpoints)
-    file = checkpoints / f"step_{step}" / "model" / "pp_00" / "tp_00" / "sdp_00.pt"
-    if not file.is_file():
-        raise ExportError(f"`{file}` does not exist.")
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    if "decoder_frontend.embed.delta" not in state:
+    shards = sorted((checkpoints / f"step_{step}" / "model" / "pp_00" / "tp_00").glob("sdp_*.pt"))
+    if not shards:
+        raise ExportError(f"`{checkpoints / f'step_{step}'}` holds no model file.")
+    states = [torch.load(f, map_location="cpu", weights_only=True) for f in shards]
+    if "decoder_frontend.embed.delta" not in states[0]:
         raise ExportError(f"`{run_dir}` is not a ticket run (its checkpoint has no ticket delta).")
+    # FSDP shards the delta along its rows like any parameter; the ids are a (replicated) buffer.
+    delta = torch.cat([state["decoder_frontend.embed.delta"] for state in states], dim=0)
+    token_ids = states[0]["decoder_frontend.embed.token_ids"]
+    if delta.shape[0] != token_ids.numel():
+        raise ExportError(f"`{run_dir}` step {step}: the delta has {delta.shape[0]} rows for {token_ids.numel()} ids.")
     config = _read_yaml(run_dir / "config.yaml")
     side = str((config.get("tuning") or {}).get("tied", "input_only"))
-    return state["decoder_frontend.embed.token_ids"], state["decoder_frontend.embed.delta"].float(), step, side
+    return token_ids, delta.float(), step, side
 
 
 def ticket_run_patch(run_dir: Path, base_source: str) -> TicketPatch:

@@ -5,6 +5,7 @@ Shared by the ``fairseq2-kslottery select`` command and the ``recipes.select`` f
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -99,8 +100,14 @@ def run_selection(
     *,
     log: Callable[[str], None] = lambda _: None,
     progress: Callable[[int, int], None] | None = None,
-) -> SelectionOutcome:
-    """Run the whole selection stage and write the ticket file. Nothing is written if any step fails."""
+    gang: Any = None,
+) -> SelectionOutcome | None:
+    """Run the whole selection stage and write the ticket file. Nothing is written if any step fails.
+
+    With a fairseq2 ``gang`` of several processes, each process tests a contiguous slice of the rows and the slices
+    are gathered (rows are independent, so the result is identical to one process); only rank 0 selects, writes the
+    files and gets the outcome — the other ranks get ``None``.
+    """
     request.validate()
     _check_writable(request.out)
     if request.stats_out is not None:
@@ -121,7 +128,9 @@ def run_selection(
 
     changed = count_changed_rows(a, b)
     log(f"rows changed (bitwise): {changed} of {vocab_size}")
-    result = ks_2samp_rows(a, b, method=request.method, progress=progress)  # type: ignore[arg-type]
+    result = _ks_over_ranks(a, b, request.method, progress, gang)
+    if gang is not None and gang.rank != 0:
+        return None
     stat, pval = result.statistic.numpy(), result.pvalue.numpy()
 
     if request.top_k is not None:
@@ -181,6 +190,24 @@ def run_selection(
         _save_stats(request.stats_out, result)
     tickets.save(request.out)
     return SelectionOutcome(tickets=tickets, result=result, changed_rows=changed, vocabulary=vocabulary)
+
+
+def _ks_over_ranks(a: torch.Tensor, b: torch.Tensor, method: str, progress: Any, gang: Any) -> KSResult:
+    """The KS test of every row, split by rows across the processes of ``gang`` (if any) and gathered."""
+    if gang is None or gang.size == 1:
+        return ks_2samp_rows(a, b, method=method, progress=progress)  # type: ignore[arg-type]
+    rows = a.shape[0]
+    per_rank = -(-rows // gang.size)
+    start, stop = min(rows, gang.rank * per_rank), min(rows, (gang.rank + 1) * per_rank)
+    local = ks_2samp_rows(a[start:stop], b[start:stop], method=method, progress=progress)  # type: ignore[arg-type]
+    mine = torch.zeros(2, per_rank, dtype=torch.float64)
+    mine[0, : stop - start] = local.statistic
+    mine[1, : stop - start] = local.pvalue
+    device = gang.device
+    gathered = [torch.empty(2, per_rank, dtype=torch.float64, device=device) for _ in range(gang.size)]
+    gang.all_gather_to_list(gathered, mine.to(device))
+    full = torch.cat([g.cpu() for g in gathered], dim=1)[:, :rows]
+    return KSResult(full[0].contiguous(), full[1].contiguous(), local.n, method)
 
 
 def count_changed_rows(a: torch.Tensor, b: torch.Tensor, chunk_rows: int = 8192) -> int:
@@ -253,7 +280,8 @@ def _save_stats(path: Path, result: KSResult) -> None:
         save_file(
             {"statistic": result.statistic.contiguous(), "pvalue": result.pvalue.contiguous()},
             str(tmp),
-            metadata={"n": str(result.n), "method": result.method},
+            # One metadata key: safetensors writes several keys in no fixed order, and the file should be reproducible.
+            metadata={"kslottery": json.dumps({"method": result.method, "n": result.n}, sort_keys=True)},
         )
 
 

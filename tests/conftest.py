@@ -133,3 +133,15 @@ def tiny(fairseq2_ready: None, tiny_root: Path, sp_vocab_size: int) -> TinyPaths
         base_embed=base_embed,
         tuned_embed=model.decoder_frontend.embed.weight.detach().clone(),
     )
+
+
+@pytest.fixture(scope="session")
+def smoke_base(fairseq2_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random kslottery_tiny LLaMA with the smoke tokenizer's vocabulary (400), as a fairseq2 checkpoint; returns
+    the `checkpoints/step_1/model` folder (a `model.path` for the smoke recipes)."""
+    from fairseq2_kslottery.toy import create_tiny_llama, save_fairseq2_checkpoint
+
+    root = tmp_path_factory.mktemp("smoke_base")
+    model, config = create_tiny_llama(vocab_size=400, seed=11)
+    save_fairseq2_checkpoint(model, config, root)
+    return root / "checkpoints" / "step_1" / "model"

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import final
 
+from fairseq2.gang import Gang
 from fairseq2.logging import log
 from fairseq2.recipe.base import Recipe, RecipeContext
 from fairseq2.recipe.config import CommonSection, GangSection
@@ -108,7 +109,7 @@ class SelectRecipe(Recipe):
     @override
     def create_task(self, context: RecipeContext) -> Task:
         config = context.get_config_as(SelectRecipeConfig)
-        return _SelectTask(config, context.output_dir)
+        return _SelectTask(config, context.output_dir, context.gangs.root)
 
     @property
     @override
@@ -118,9 +119,10 @@ class SelectRecipe(Recipe):
 
 @final
 class _SelectTask(Task):
-    def __init__(self, config: SelectRecipeConfig, output_dir: Path) -> None:
+    def __init__(self, config: SelectRecipeConfig, output_dir: Path, gang: Gang) -> None:
         self._config = config
         self._output_dir = output_dir
+        self._gang = gang
         self._step_nr = 0
 
     @override
@@ -140,10 +142,12 @@ class _SelectTask(Task):
             allow_dtype_mismatch=c.allow_dtype_mismatch,
             stats_out=self._output_dir / c.stats_name if c.stats_name else None,
         )
-        outcome = run_selection(request, log=lambda m: log.info("{}", m))
-        for line in describe_outcome(outcome).splitlines():
-            log.info("{}", line)
-        log.info("Ticket file written to {}.", request.out)
+        # With several processes (torchrun), the rows are split across them; rank 0 writes the files.
+        outcome = run_selection(request, log=lambda m: log.info("{}", m), gang=self._gang)
+        if outcome is not None:
+            for line in describe_outcome(outcome).splitlines():
+                log.info("{}", line)
+            log.info("Ticket file written to {}.", request.out)
         self._step_nr = 1
 
     @override

@@ -23,7 +23,7 @@ from fairseq2.metrics.common import (
     update_nll_loss_metric,
     update_seq_batch_metrics,
 )
-from fairseq2.nn.utils.module import reset_non_persistent_buffers, to_empty
+from fairseq2.nn.utils.module import broadcast_module, reset_non_persistent_buffers, to_empty
 from fairseq2.recipe.base import Recipe, RecipeContext
 from fairseq2.recipe.config import BeamSearchConfig, SamplingConfig
 from fairseq2.runtime.dependency import DependencyContainer
@@ -41,7 +41,7 @@ from fairseq2_kslottery.embedding import (
     trainable_parameter_count,
     untie_input_embedding,
 )
-from fairseq2_kslottery.errors import KSLotteryError, SelectionError
+from fairseq2_kslottery.errors import KSLotteryError, SelectionError, TicketFileError
 from fairseq2_kslottery.evaluation import NllEvalUnit, TranslationEvalUnit
 from fairseq2_kslottery.export import load_original_model
 from fairseq2_kslottery.io import atomic_path, atomic_write_text, tensor_fingerprint
@@ -53,6 +53,7 @@ from fairseq2_kslottery.tickets import (
     most_frequent_tickets,
     random_tickets,
 )
+from fairseq2_kslottery.vocab import TokenizerError, load_token_vocabulary
 
 __all__ = ["TuneRecipe", "TICKETS_USED", "INITIAL_MODEL", "resolve_ticket_set", "newline_token_ids", "max_gen_len"]
 
@@ -87,6 +88,8 @@ class TuneRecipe(Recipe):
         find_input_embedding(model)  # a clear error for models we cannot handle, in every mode
         # When a checkpoint exists, fairseq2 builds an uninitialised skeleton and restores it from the checkpoint.
         resuming = context.get_checkpoint_manager().has_checkpoint(exclude_model_only=True)
+        if not resuming and mode != "full":
+            _materialize_on_all_ranks(context, model)
         if newly_initialized and context.gangs.root.rank == 0:
             # A randomly initialised model exists nowhere else: keep it, as the base for selection and ticket runs.
             _save_state(model, context.output_dir / INITIAL_MODEL)
@@ -151,6 +154,11 @@ class TuneRecipe(Recipe):
                     validation.split, tokenizer, context.gangs, batch_size=validation.batch_size, prompt_only=False
                 )
             )
+        if validation.generate and context.gangs.dp.size > 1:
+            raise TuningError(
+                "`validation.generate: true` runs on a single process only (fairseq2's sequence generator does not "
+                "take a data-parallel model); set `validation.generate: false` and evaluate with the evaluate recipe."
+            )
         if validation.generate:
             units.append(
                 TranslationEvalUnit(
@@ -213,7 +221,7 @@ def resolve_ticket_set(context: RecipeContext, config: TuneConfig, model: Module
     tokenizer = context.get_tokenizer()
     reference = TicketSet.load(tuning.tickets, vocab_size=vocab_size) if tuning.tickets else None
     if reference is not None:
-        _check_ticket_fingerprints(reference, embed.weight)  # type: ignore[arg-type]
+        _check_ticket_fingerprints(reference, embed.weight, config, str(tuning.tickets))  # type: ignore[arg-type]
         if reference.k == 0:
             raise TuningError(f"The ticket file `{tuning.tickets}` selects no row; there is nothing to train.")
     if tuning.baseline is None:
@@ -263,7 +271,22 @@ def newline_token_ids(tokenizer: Tokenizer) -> list[int]:
     return list(dict.fromkeys(found))
 
 
-def _check_ticket_fingerprints(tickets: TicketSet, weight: Tensor) -> None:
+def _check_ticket_fingerprints(tickets: TicketSet, weight: Tensor, config: TuneConfig, path: str) -> None:
+    """A ticket file names token ids of one tokenizer: refuse it for another. A different base embedding is only
+    warned about (a dtype change alone changes that fingerprint)."""
+    if tickets.tokenizer_fingerprint:
+        spec = config.tokenizer.name or (str(config.tokenizer.path) if config.tokenizer.path else None)
+        if spec is not None:
+            try:
+                ours = load_token_vocabulary(spec).fingerprint
+            except TokenizerError:
+                ours = None  # a tokenizer we cannot hash: nothing to compare
+            if ours is not None and ours != tickets.tokenizer_fingerprint:
+                raise TicketFileError(
+                    path,
+                    f"it was made with another tokenizer (fingerprint {tickets.tokenizer_fingerprint}; this run's "
+                    f"tokenizer `{spec}` has {ours}), so its token ids mean other tokens here.",
+                )
     if tickets.base_fingerprint and tickets.base_fingerprint != tensor_fingerprint(weight):
         log.warning(
             "The ticket file was made from a different base embedding (fingerprint {} here, {} in the file); "
@@ -302,6 +325,18 @@ def _load_original_weights(context: RecipeContext, model: Module) -> None:
     reset_non_persistent_buffers(model)
     for p in model.parameters():
         p.requires_grad_(True)
+
+
+def _materialize_on_all_ranks(context: RecipeContext, model: Module) -> None:
+    """With several processes fairseq2 loads the weights on rank 0 only and leaves the others on the meta device until
+    data-parallel wrapping. Freezing, untying and the ticket reparameterisation need the real weights on every rank,
+    so they are broadcast from rank 0 here."""
+    gang = context.gangs.dp
+    if gang.size == 1 and not any(p.device.type == "meta" for p in model.parameters()):
+        return
+    broadcast_module(model, gang)
+    if gang.rank != 0:
+        reset_non_persistent_buffers(model)
 
 
 def _save_state(model: Module, path: Path) -> None:
