@@ -19,7 +19,7 @@ run's checkpoint is k x d, not a model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Final, Literal
 
 import torch
@@ -233,9 +233,3 @@ def trainable_parameter_count(model: Module) -> int:
     """Number of parameters the optimizer will update."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-
-def unique_params(params: Iterable[Parameter]) -> list[Parameter]:
-    seen: dict[int, Parameter] = {}
-    for p in params:
-        seen.setdefault(id(p), p)
-    return list(seen.values())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,18 +39,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see module docstring)."""
-    _atomic_write(path, lambda f: f.write(data))
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically (see module docstring)."""
     atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _atomic_write(path: Path, write: Callable[[object], object]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            write(f)
 
 
 def tensor_fingerprint(tensor: torch.Tensor, *, chunk_rows: int = 4096) -> str:

@@ -10,7 +10,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,6 @@ class SelectionOutcome:
     result: KSResult
     changed_rows: int
     vocabulary: TokenVocabulary | None = None
-    messages: list[str] = field(default_factory=list)
 
 
 def run_selection(

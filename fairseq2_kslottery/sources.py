@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -54,8 +54,6 @@ class LoadedEmbedding:
 
     tokenizer_hint: str | None = None
     """A tokenizer card name or path known from the source (e.g. the asset card's tokenizer), if any."""
-
-    notes: list[str] = field(default_factory=list)
 
 
 def load_input_embedding(source: str | Path) -> LoadedEmbedding:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -62,7 +62,6 @@ class Stage:
     skip_reason: Callable[[], str | None] = lambda: None
     """Evaluated just before the stage runs: a reason to skip it (e.g. a rule selected no ticket), or None."""
 
-    info: dict[str, Any] = field(default_factory=dict)
     directory: Path = Path()
 
 
@@ -225,7 +224,7 @@ class ExperimentRunner:
         label = cfg.selection.rules[0].label()
         files = [self.root / d.name / f"select_{label}" / "tickets.json" for d in cfg.directions]
         union_file = self.root / "union" / f"tickets_{label}.json"
-        merge = self._add(Stage(f"union/merge_{label}", "union", lambda s: self._merge_union(s, files, union_file)))
+        self._add(Stage(f"union/merge_{label}", "union", lambda s: self._merge_union(s, files, union_file)))
         no_ticket = self._no_ticket_check(union_file)
         run = self._add(
             Stage(
@@ -236,7 +235,6 @@ class ExperimentRunner:
                 skip_reason=no_ticket,
             )
         )
-        del merge
         for direction in cfg.directions:
             self._add(
                 Stage(
