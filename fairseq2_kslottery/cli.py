@@ -212,26 +212,9 @@ def _add_transfer(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
 
 
 def _cmd_transfer(args: argparse.Namespace) -> int:
-    import torch
+    from fairseq2_kslottery.export import transfer_patch
 
-    from fairseq2_kslottery.patches import TicketPatch
-    from fairseq2_kslottery.sources import load_input_embedding
-    from fairseq2_kslottery.tickets import TicketSet
-
-    base = load_input_embedding(args.base)
-    tuned = load_input_embedding(args.tuned)
-    if base.weight.shape != tuned.weight.shape:
-        from fairseq2_kslottery.errors import SelectionError
-
-        raise SelectionError(
-            f"The base and tuned embeddings have different shapes: {tuple(base.weight.shape)} and "
-            f"{tuple(tuned.weight.shape)}."
-        )
-    tickets = TicketSet.load(args.tickets, vocab_size=int(base.weight.shape[0]))
-    ids = torch.tensor(tickets.token_ids, dtype=torch.int64)
-    patch = TicketPatch.from_rows(
-        base.weight, ids, tuned.weight[ids], output_side=args.output_side, source=f"transfer {args.tickets}"
-    )
+    patch = transfer_patch(args.base, args.tuned, args.tickets, output_side=args.output_side)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     patch.save(args.out)
     moved = float(patch.delta.norm(dim=1).mean()) if patch.k else 0.0

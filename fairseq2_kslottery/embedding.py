@@ -232,4 +232,3 @@ def _keep_only_trainable_state(model: Module) -> None:
 def trainable_parameter_count(model: Module) -> int:
     """Number of parameters the optimizer will update."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-

@@ -33,11 +33,13 @@ from fairseq2.metrics.common import (
     update_seq_batch_metrics,
 )
 from fairseq2.metrics.recorders import MetricDescriptor
+from fairseq2.recipe.config import BeamSearchConfig, SamplingConfig
 from torch import Tensor
 from torch.nn import Module
 from torcheval.metrics import Metric
 from typing_extensions import Self, override
 
+from fairseq2_kslottery.errors import KSLotteryError
 from fairseq2_kslottery.io import atomic_write_text
 from fairseq2_kslottery.metrics import clean_hypothesis, first_line, spbleu_model_path
 
@@ -47,6 +49,7 @@ __all__ = [
     "TranslationEvalUnit",
     "NllEvalUnit",
     "extract_hypothesis",
+    "max_gen_len",
 ]
 
 METRIC_DESCRIPTORS: Final = (
@@ -60,6 +63,19 @@ METRIC_DESCRIPTORS: Final = (
 ``first_line_bleu``, ``eos_rate``... BLEU is recorded under fairseq2's own name ``bleu`` (so ``score_metric: bleu``
 keeps the best checkpoint) but computed exactly as sacrebleu's corpus BLEU, exponential smoothing included. chrF
 gets its own name because fairseq2's ``chrf`` means chrF++."""
+
+
+def max_gen_len(generator_config: object) -> int:
+    """The ``max_gen_len`` of a beam-search or sampling generator config (a fixed number of tokens: the EOS rate
+    counts a hypothesis as terminated when it stops within that budget)."""
+    if isinstance(generator_config, (BeamSearchConfig, SamplingConfig)):
+        value = generator_config.max_gen_len
+        if isinstance(value, int):
+            return value
+        raise KSLotteryError(
+            f"`seq_generator.config.max_gen_len` must be a number of tokens here, not the prompt-relative {value}."
+        )
+    raise KSLotteryError(f"Unsupported sequence generator configuration `{type(generator_config).__name__}`.")
 
 
 class SacreStatsMetric(Metric[Tensor]):

@@ -35,6 +35,7 @@ __all__ = [
     "read_ticket_run",
     "export_ticket_run",
     "ticket_run_patch",
+    "transfer_patch",
 ]
 
 _STEP = re.compile(r"^step_(\d+)$")
@@ -243,9 +244,28 @@ def ticket_run_patch(run_dir: Path, base_source: str) -> TicketPatch:
     from fairseq2_kslottery.sources import load_input_embedding
 
     token_ids, delta, step, side = read_ticket_run(run_dir)
+    return _delta_patch(load_input_embedding(base_source).weight, token_ids, delta, side, f"{run_dir} step {step}")
+
+
+def _delta_patch(base: Tensor, token_ids: Tensor, delta: Tensor, side: str, source: str) -> TicketPatch:
+    return TicketPatch.from_rows(base, token_ids, base[token_ids].float() + delta, output_side=side, source=source)
+
+
+def transfer_patch(base_source: str, tuned_source: str, tickets_file: Path, *, output_side: str) -> TicketPatch:
+    """Partial transfer: a patch that copies the ticket rows of the tuned embedding into the base embedding."""
+    from fairseq2_kslottery.errors import SelectionError
+    from fairseq2_kslottery.sources import load_input_embedding
+    from fairseq2_kslottery.tickets import TicketSet
+
     base = load_input_embedding(base_source).weight
-    rows = base[token_ids].float() + delta
-    return TicketPatch.from_rows(base, token_ids, rows, output_side=side, source=f"{run_dir} step {step}")
+    tuned = load_input_embedding(tuned_source).weight
+    if base.shape != tuned.shape:
+        raise SelectionError(
+            f"The base and tuned embeddings have different shapes: {tuple(base.shape)} and {tuple(tuned.shape)}."
+        )
+    tickets = TicketSet.load(tickets_file, vocab_size=int(base.shape[0]))
+    ids = torch.tensor(tickets.token_ids, dtype=torch.int64)
+    return TicketPatch.from_rows(base, ids, tuned[ids], output_side=output_side, source=f"transfer {tickets_file}")
 
 
 @dataclass
@@ -266,8 +286,7 @@ def export_ticket_run(
     model, family, config = load_original_model(run_dir)
     embed = find_input_embedding(model)
     base: Tensor = embed.weight.detach()  # type: ignore[assignment]
-    rows = base[token_ids].float() + delta
-    patch = TicketPatch.from_rows(base, token_ids, rows, output_side=side, source=f"{run_dir} step {step}")
+    patch = _delta_patch(base, token_ids, delta, side, f"{run_dir} step {step}")
     out_dir.mkdir(parents=True, exist_ok=True)
     patch_path = out_dir / "ticket_patch.safetensors"
     patch.save(patch_path)

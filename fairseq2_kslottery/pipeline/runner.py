@@ -448,18 +448,10 @@ class ExperimentRunner:
     ) -> None:
         patch = stage.directory / "transfer_patch.safetensors"
         if not patch.is_file():
-            import torch
+            from fairseq2_kslottery.export import transfer_patch
 
-            from fairseq2_kslottery.patches import TicketPatch
-            from fairseq2_kslottery.sources import load_input_embedding
-            from fairseq2_kslottery.tickets import TicketSet
-
-            base = load_input_embedding(self._base_source())
-            tuned = load_input_embedding(str(reference.directory / "checkpoints"))
-            ids = torch.tensor(TicketSet.load(tickets_file).token_ids, dtype=torch.int64)
-            TicketPatch.from_rows(
-                base.weight, ids, tuned.weight[ids], output_side=self.config.tied, source=f"transfer {tickets_file}"
-            ).save(patch)
+            tuned = str(reference.directory / "checkpoints")
+            transfer_patch(self._base_source(), tuned, tickets_file, output_side=self.config.tied).save(patch)
         self._evaluate(stage, sources, patch)
 
     def _merge_union(self, stage: Stage, files: list[Path], out: Path) -> None:

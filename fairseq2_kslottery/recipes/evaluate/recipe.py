@@ -34,12 +34,11 @@ from typing_extensions import override
 
 from fairseq2_kslottery.data.dataset import PARALLEL_DATASET_FAMILY, ParallelDataset
 from fairseq2_kslottery.data.parallel import SPLITS
-from fairseq2_kslottery.evaluation import TranslationEvalUnit
+from fairseq2_kslottery.evaluation import TranslationEvalUnit, max_gen_len
 from fairseq2_kslottery.io import atomic_write_text
 from fairseq2_kslottery.metrics import score_translations
 from fairseq2_kslottery.patches import TicketPatch, apply_patch
 from fairseq2_kslottery.recipes._common import register_user_errors
-from fairseq2_kslottery.recipes.tune.recipe import max_gen_len
 
 __all__ = ["EvaluateConfig", "EvaluateRecipe", "EvaluationSection"]
 

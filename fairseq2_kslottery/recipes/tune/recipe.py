@@ -25,7 +25,6 @@ from fairseq2.metrics.common import (
 )
 from fairseq2.nn.utils.module import broadcast_module, reset_non_persistent_buffers, to_empty
 from fairseq2.recipe.base import Recipe, RecipeContext
-from fairseq2.recipe.config import BeamSearchConfig, SamplingConfig
 from fairseq2.runtime.dependency import DependencyContainer
 from fairseq2.task import Task
 from fairseq2.trainer import TrainUnit
@@ -42,7 +41,7 @@ from fairseq2_kslottery.embedding import (
     untie_input_embedding,
 )
 from fairseq2_kslottery.errors import KSLotteryError, SelectionError, TicketFileError
-from fairseq2_kslottery.evaluation import NllEvalUnit, TranslationEvalUnit
+from fairseq2_kslottery.evaluation import NllEvalUnit, TranslationEvalUnit, max_gen_len
 from fairseq2_kslottery.export import load_original_model
 from fairseq2_kslottery.io import atomic_path, atomic_write_text, tensor_fingerprint
 from fairseq2_kslottery.recipes._common import register_user_errors
@@ -55,7 +54,7 @@ from fairseq2_kslottery.tickets import (
 )
 from fairseq2_kslottery.vocab import TokenizerError, load_token_vocabulary
 
-__all__ = ["TuneRecipe", "TICKETS_USED", "INITIAL_MODEL", "resolve_ticket_set", "newline_token_ids", "max_gen_len"]
+__all__ = ["TuneRecipe", "TICKETS_USED", "INITIAL_MODEL", "resolve_ticket_set", "newline_token_ids"]
 
 TICKETS_USED = "tickets_used.json"
 """The ticket set a ticket run trains (written at the start, read back on resume), in the output directory."""
@@ -278,20 +277,21 @@ def _check_ticket_fingerprints(tickets: TicketSet, weight: Tensor, config: TuneC
         spec = config.tokenizer.name or (str(config.tokenizer.path) if config.tokenizer.path else None)
         if spec is not None:
             try:
-                ours = load_token_vocabulary(spec).fingerprint
+                our_tokenizer = load_token_vocabulary(spec).fingerprint
             except TokenizerError:
-                ours = None  # a tokenizer we cannot hash: nothing to compare
-            if ours is not None and ours != tickets.tokenizer_fingerprint:
+                our_tokenizer = None  # a tokenizer we cannot hash: nothing to compare
+            if our_tokenizer is not None and our_tokenizer != tickets.tokenizer_fingerprint:
                 raise TicketFileError(
                     path,
                     f"it was made with another tokenizer (fingerprint {tickets.tokenizer_fingerprint}; this run's "
-                    f"tokenizer `{spec}` has {ours}), so its token ids mean other tokens here.",
+                    f"tokenizer `{spec}` has {our_tokenizer}), so its token ids mean other tokens here.",
                 )
-    if tickets.base_fingerprint and tickets.base_fingerprint != tensor_fingerprint(weight):
+    ours = tensor_fingerprint(weight) if tickets.base_fingerprint else None
+    if ours is not None and ours != tickets.base_fingerprint:
         log.warning(
             "The ticket file was made from a different base embedding (fingerprint {} here, {} in the file); "
             "check that it belongs to this model (a dtype change alone also changes the fingerprint).",
-            tensor_fingerprint(weight),
+            ours,
             tickets.base_fingerprint,
         )
 
@@ -302,14 +302,6 @@ def _check_vocabulary(model: Module, tokenizer: Tokenizer) -> None:
         raise TuningError(
             f"The tokenizer has {tokenizer.vocab_info.size} tokens but the model's embedding only {rows} rows."
         )
-
-
-def max_gen_len(generator_config: object) -> int:
-    """The ``max_gen_len`` of a beam-search or sampling generator config."""
-    if isinstance(generator_config, (BeamSearchConfig, SamplingConfig)):
-        value = generator_config.max_gen_len
-        return int(value if isinstance(value, int) else value[1])  # (a, b) means a*x + b
-    raise TuningError(f"Unsupported sequence generator configuration `{type(generator_config).__name__}`.")
 
 
 # --- resume of ticket runs --------------------------------------------------------------------------------------
